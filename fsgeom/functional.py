@@ -152,16 +152,20 @@ def measuring(model: nn.Module, batch_stats: bool = False) -> Iterator[None]:
     if previous == key:
         yield
         return
-    modes = [(m, m.training) for m in model.modules()]
+    # Flags are flipped through __dict__: nn.Module.train() and __setattr__ cost ~10 µs a
+    # module, and this runs once per measurement on hot paths (trackers, optimizers).
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
     tracked = []
     try:
-        model.eval()
+        for m in modules:
+            m.__dict__["training"] = False
         if batch_stats:
-            for m in model.modules():
+            for m in modules:
                 if isinstance(m, _BN_TYPES):
                     tracked.append((m, m.track_running_stats))
                     m.track_running_stats = False
-                    m.train()
+                    m.__dict__["training"] = True
         model.__dict__["_fsgeom_measuring"] = key
         yield
     finally:
@@ -171,8 +175,8 @@ def measuring(model: nn.Module, batch_stats: bool = False) -> Iterator[None]:
             model.__dict__["_fsgeom_measuring"] = previous
         for m, t in tracked:
             m.track_running_stats = t
-        for m, training in modes:
-            m.training = training
+        for m, training in zip(modules, modes):
+            m.__dict__["training"] = training
 
 
 class FunctionView:
