@@ -1,6 +1,11 @@
-"""fsgeom: measure and shape how neural networks move in function space."""
+"""fsgeom: measure and shape how neural networks move in function space.
 
-from . import data, functional, models
+Plotting lives in :mod:`fsgeom.plotting` (imported on demand: it loads matplotlib and
+seaborn); experiments in :mod:`fsgeom.experiment`.
+"""
+
+from . import compare, curvature, data, functional, models, optim, tracking
+from .curvature import EmpiricalFisher, Fisher, L2Metric, solve, spectrum
 from .data import ValidationStream, load
 from .distance import (
     kl_divergence,
@@ -10,12 +15,26 @@ from .distance import (
     parameter_distance,
 )
 from .functional import FunctionView, flatten, function_view, snapshot, unflatten
+from .optim import HCGD, HCAdam, HilbertConstrained, NaturalGradient, NaturalGradientByGD
+from .tracking import Tracker, combine, open_run, save_run
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HCGD",
+    "EmpiricalFisher",
+    "Fisher",
     "FunctionView",
+    "HCAdam",
+    "HilbertConstrained",
+    "L2Metric",
+    "NaturalGradient",
+    "NaturalGradientByGD",
+    "Tracker",
     "ValidationStream",
+    "combine",
+    "compare",
+    "curvature",
     "data",
     "flatten",
     "function_view",
@@ -25,8 +44,14 @@ __all__ = [
     "linearized_l2_distance",
     "load",
     "models",
+    "open_run",
+    "optim",
     "output_distance",
     "parameter_distance",
+    "save_run",
     "snapshot",
+    "solve",
+    "spectrum",
+    "tracking",
     "unflatten",
 ]
