@@ -4,7 +4,7 @@ Plotting lives in :mod:`fsgeom.plotting` (imported on demand: it loads matplotli
 seaborn); experiments in :mod:`fsgeom.experiment`.
 """
 
-from . import compare, curvature, data, functional, models, optim, tracking
+from . import compare, curvature, data, experiment, functional, models, optim, tracking
 from .curvature import EmpiricalFisher, Fisher, L2Metric, solve, spectrum
 from .data import ValidationStream, load
 from .distance import (
@@ -14,6 +14,7 @@ from .distance import (
     output_distance,
     parameter_distance,
 )
+from .experiment import RunConfig, run, sweep
 from .functional import FunctionView, flatten, function_view, snapshot, unflatten
 from .optim import HCGD, HCAdam, HilbertConstrained, NaturalGradient, NaturalGradientByGD
 from .tracking import Tracker, combine, open_run, save_run
@@ -30,12 +31,14 @@ __all__ = [
     "L2Metric",
     "NaturalGradient",
     "NaturalGradientByGD",
+    "RunConfig",
     "Tracker",
     "ValidationStream",
     "combine",
     "compare",
     "curvature",
     "data",
+    "experiment",
     "flatten",
     "function_view",
     "functional",
@@ -48,10 +51,12 @@ __all__ = [
     "optim",
     "output_distance",
     "parameter_distance",
+    "run",
     "save_run",
     "snapshot",
     "solve",
     "spectrum",
+    "sweep",
     "tracking",
     "unflatten",
 ]

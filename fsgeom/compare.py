@@ -57,8 +57,7 @@ def _size(a: Operator, name: str) -> int:
 
 
 def _top_eigvecs(a: Operator | Tensor, k: int, name: str, **kw) -> Tensor:
-    """Orthonormal top-k eigenvectors (P, k): of an operator, a dense matrix, or given as
-    a (P, k) basis already."""
+    """Orthonormal top-k eigenvectors (P, k) of an operator or a dense (P, P) matrix."""
     if isinstance(a, CurvatureOperator):
         return spectrum(a, k, **kw)[1].double()
     if isinstance(a, Tensor) and a.dim() == 2 and a.shape[0] == a.shape[1]:

@@ -32,6 +32,7 @@ __all__ = [
     "ValidationStream",
     "batches",
     "load",
+    "load_cifar10",
     "mnist_root",
 ]
 
@@ -234,6 +235,10 @@ def load(
       stratified train/test split by ``seed`` (``test_fraction`` of the images for test),
       each pixel standardized with the training mean and standard deviation
       (constant pixels stay 0). Inputs ``(N, 1, 8, 8)``.
+    * ``"cifar10"``: the standard *binary* batches (``data_batch_1.bin`` … ``_5.bin``,
+      ``test_batch.bin``: raw bytes, never the pickled python version) from ``root``, else
+      ``$FSGEOM_DATA/cifar-10-batches-bin`` (see :func:`load_cifar10`). Inputs
+      ``(N, 3, 32, 32)`` normalized per channel.
     * ``"mnist"``: the four standard IDX files from ``root``, else ``$FSGEOM_DATA/mnist``,
       else ``~/.cache/fsgeom/mnist`` (see :func:`mnist_root`); gzipped or raw, each verified
       by the MD5 of its uncompressed content. ``download=True`` fetches missing files from
@@ -244,7 +249,9 @@ def load(
         return _load_digits(seed=seed, test_fraction=test_fraction)
     if name == "mnist":
         return _load_mnist(root=root, download=download)
-    raise ValueError(f"name must be 'digits' or 'mnist', got {name!r}")
+    if name == "cifar10":
+        return load_cifar10(root)
+    raise ValueError(f"name must be 'digits', 'mnist' or 'cifar10', got {name!r}")
 
 
 def _load_digits(seed: int, test_fraction: float) -> Dataset:
@@ -381,4 +388,70 @@ def _load_mnist(root, download: bool) -> Dataset:
         images(arrays["t10k-images-idx3-ubyte"]),
         torch.from_numpy(arrays["t10k-labels-idx1-ubyte"].astype(np.int64)),
         attrs={"root": str(root), "mean": MNIST_MEAN, "std": MNIST_STD},
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# CIFAR-10 (binary version only)
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+_CIFAR_RECORD = 1 + 3 * 32 * 32
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % _CIFAR_RECORD:
+        raise ValueError(
+            f"{path}: {raw.size} bytes is not a whole number of CIFAR-10 binary records "
+            f"({_CIFAR_RECORD} bytes each); is it the binary version (cifar-10-batches-bin)?"
+        )
+    rec = raw.reshape(-1, _CIFAR_RECORD)
+    labels = rec[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise ValueError(f"{path}: label byte {labels.max()} out of range 0..9")
+    return rec[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(root: str | os.PathLike | None = None) -> Dataset:
+    """CIFAR-10 from the folder of the standard binary batches (``cifar-10-batches-bin``).
+
+    Reads ``data_batch_1.bin`` … ``data_batch_5.bin`` (50,000 training images) and
+    ``test_batch.bin`` (10,000) as raw bytes: each record is one label byte then 3,072 pixel
+    bytes (red, green, blue planes, 32×32 row-major). Nothing is unpickled. Folder:
+    ``root``, else ``$FSGEOM_DATA/cifar-10-batches-bin``. Inputs ``(N, 3, 32, 32)`` scaled
+    to [0, 1] and normalized with the usual per-channel mean and standard deviation.
+    """
+    if root is None:
+        env = os.environ.get("FSGEOM_DATA")
+        if not env:
+            raise FileNotFoundError(
+                "CIFAR-10: pass root=<folder cifar-10-batches-bin> or set FSGEOM_DATA to a "
+                "folder holding cifar-10-batches-bin/ (the binary version)"
+            )
+        root = Path(env) / "cifar-10-batches-bin"
+    root = Path(root)
+    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 binary batches {missing} not found in {root} (expected the folder "
+            "cifar-10-batches-bin of the binary version; the python/pickle version is not read)"
+        )
+    parts = [_read_cifar_batch(root / n) for n in names]
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+
+    def images(a):
+        return (torch.from_numpy(a.astype(np.float32) / 255.0) - mean) / std
+
+    train_x = np.concatenate([p[0] for p in parts[:5]])
+    train_y = np.concatenate([p[1] for p in parts[:5]])
+    return Dataset(
+        "cifar10",
+        images(train_x),
+        torch.from_numpy(train_y),
+        images(parts[5][0]),
+        torch.from_numpy(parts[5][1]),
+        attrs={"root": str(root), "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
     )

@@ -106,8 +106,18 @@ def ref_tracking_trajectory(model, states, probe, output="probs"):
         m = copy.deepcopy(model)
         m.load_state_dict(s)
         nets.append(m)
-    out = {k: [] for k in ("param_step_sq", "function_step_sq", "csdt_param", "csdt_function",
-                           "param_dist_init", "function_dist_init", "param_step_sq_tensor")}
+    out = {
+        k: []
+        for k in (
+            "param_step_sq",
+            "function_step_sq",
+            "csdt_param",
+            "csdt_function",
+            "param_dist_init",
+            "function_dist_init",
+            "param_step_sq_tensor",
+        )
+    }
     cp = cf = 0.0
     for t, m in enumerate(nets):
         if t == 0:
@@ -119,8 +129,9 @@ def ref_tracking_trajectory(model, states, probe, output="probs"):
             fs = ref_l2_distance(m, prev, probe, output, "rms") ** 2
             per = {}
             for (n, a), (_, b) in zip(m.named_parameters(), prev.named_parameters()):
-                per[n] = sum((u - v) ** 2 for u, v in zip(a.reshape(-1).tolist(),
-                                                           b.reshape(-1).tolist()))
+                per[n] = sum(
+                    (u - v) ** 2 for u, v in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist())
+                )
             cp += ps
             cf += fs
         out["param_step_sq"].append(ps)
@@ -182,8 +193,19 @@ def _ref_optim_hilbert_grad(m, names, shapes, theta, delta, x, lam, output, dist
     return torch.autograd.grad(value, d)[0]
 
 
-def ref_optim_hcgd(model, train, val, lr, momentum, lam, inner_lr, n, output="probs",
-                   distance="rms", weight_decay=0.0):
+def ref_optim_hcgd(
+    model,
+    train,
+    val,
+    lr,
+    momentum,
+    lam,
+    inner_lr,
+    n,
+    output="probs",
+    distance="rms",
+    weight_decay=0.0,
+):
     """Algorithm 1 line by line on a flat θ; returns θ after len(train) steps.
 
     train: list of (x, y); val[t]: the validation batch of step t, or a list of n batches
@@ -210,8 +232,9 @@ def ref_optim_hcgd(model, train, val, lr, momentum, lam, inner_lr, n, output="pr
     return theta
 
 
-def ref_optim_hilbert_constrained(model, make_base, train, val, lam, inner_lr, n,
-                                  output="probs", distance="rms"):
+def ref_optim_hilbert_constrained(
+    model, make_base, train, val, lam, inner_lr, n, output="probs", distance="rms"
+):
     """Δθ₀ = the step of a torch optimizer (make_base(params)) on a copy; then the same
     corrections as Algorithm 1 (first: λD only, then J + λD); the base's state is not
     corrected. Returns θ after len(train) steps."""
