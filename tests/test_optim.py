@@ -527,7 +527,7 @@ def test_ngd_bad_input():
     theta = flatten(trainable_params(model)).clone()
     with pytest.raises(ValueError, match="fisher_batch"):
         opt.step()
-    with pytest.raises(ValueError, match="fisher_batch does not fit the model"):
+    with pytest.raises(ValueError, match="fisher_batch of shape \\(4, 9\\) does not fit the model"):
         opt.step(fisher_batch=torch.randn(4, 9, dtype=torch.float64))
     assert torch.equal(theta, flatten(trainable_params(model)))
     emp = NaturalGradientByGD(model.parameters(), model=model, fisher="empirical")
@@ -557,3 +557,16 @@ def test_add_param_group_after_construction():
         assert all(not torch.equal(b, p) for b, (_, p) in zip(before, named))
     wrapped = HCAdam(model.parameters(), model=model)
     assert wrapped.param_groups is wrapped.base.param_groups
+
+
+def test_ngd_bad_fisher_batch_fails_before_the_base_optimizer_steps():
+    torch.manual_seed(0)
+    m = nn.Linear(5, 3).double()
+    opt = NaturalGradientByGD(m.parameters(), lr=0.01, model=m)
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    nn.functional.cross_entropy(m(x), y).backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match="fisher_batch of shape \\(4, 7\\) does not fit"):
+        opt.step(fisher_batch=torch.randn(4, 7, dtype=torch.float64))
+    assert len(opt.base.state) == 0  # RMSprop's moments untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))

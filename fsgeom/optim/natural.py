@@ -35,6 +35,7 @@ from torch.optim import Optimizer
 
 from ..curvature import CurvatureOperator, EmpiricalFisher, Fisher, solve
 from ..data import batches
+from ..functional import FunctionView
 from ._common import (
     BatchSource,
     all_finite,
@@ -81,6 +82,15 @@ class FisherSource:
             f"construct {owner}(..., validation=stream) with an iterable of batches",
         )
 
+    def _check_fits(self, x: Tensor, name: str) -> None:
+        """Fail before anything changes if ``x`` does not fit the model (a 2-example forward)."""
+        view = FunctionView(self.model, "logits", self.batch_stats)
+        try:
+            with torch.no_grad():
+                view(x[:2])
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"{name} of shape {tuple(x.shape)} does not fit the model: {e}") from e
+
     def operator(self, fisher_batch) -> CurvatureOperator:
         """F at the model's current θ (a copy is kept) on the given or next batch."""
         name = "fisher_batch" if fisher_batch is not None else "validation batch"
@@ -89,6 +99,7 @@ class FisherSource:
             raw = tuple(raw)
         empirical = self.fisher == "empirical"
         x, y = next(batches(raw, need_targets=empirical, name=name))
+        self._check_fits(x, name)
         kw = dict(self.kwargs)
         kw.setdefault("batch_stats", self.batch_stats)
         if empirical:
