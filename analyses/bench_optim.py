@@ -26,28 +26,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _bench import load_inputs, sync  # analyses/ is on sys.path when run as a script
 
 from fsgeom.models import mlp
 from fsgeom.optim import HCGD, HCAdam, NaturalGradientByGD
-
-
-def load_inputs(n: int, device: str):
-    try:
-        from fsgeom.data import load
-
-        ds = load("mnist")
-        x, y, source = ds.train_x[:n], ds.train_y[:n], "MNIST"
-    except (FileNotFoundError, OSError, ValueError):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(n, 1, 28, 28, generator=g)
-        y = torch.randint(0, 10, (n,), generator=g)
-        source = "random inputs of MNIST's shape (MNIST files not found)"
-    return x.to(device), y.to(device), source
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 class BareHCGD:

@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _bench import load_inputs, sync  # analyses/ is on sys.path when run as a script
 
 from fsgeom.models import mlp
 from fsgeom.tracking import Tracker
@@ -37,25 +38,6 @@ SETTINGS = [  # (training batch, probe size, every)
     (256, 256, 10),
     (64, 256, 10),
 ]
-
-
-def load_inputs(n: int, device: str):
-    try:
-        from fsgeom.data import load
-
-        ds = load("mnist")
-        x, y, source = ds.train_x[:n], ds.train_y[:n], "MNIST"
-    except (FileNotFoundError, OSError, ValueError):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(n, 1, 28, 28, generator=g)
-        y = torch.randint(0, 10, (n,), generator=g)
-        source = "random inputs of MNIST's shape (MNIST files not found)"
-    return x.to(device), y.to(device), source
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def train_steps(model, opt, x, y, batch: int, steps: int, device: str) -> tuple[float, float]:

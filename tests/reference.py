@@ -57,25 +57,13 @@ def ref_jacobian(model: nn.Module, x: torch.Tensor, output: str = "probs") -> to
     """
     import copy
 
-    from torch.func import functional_call
-
     m = copy.deepcopy(model).eval()
     names = [n for n, p in m.named_parameters() if p.requires_grad]
     shapes = [p.shape for n, p in m.named_parameters() if p.requires_grad]
     theta = torch.cat([p.detach().reshape(-1) for n, p in m.named_parameters() if p.requires_grad])
 
     def f(flat):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = math.prod(s)
-            params[n] = flat[i : i + k].reshape(s)
-            i += k
-        z = functional_call(m, params, (x,))
-        if output == "probs":
-            z = torch.softmax(z, -1)
-        elif output == "log_probs":
-            z = torch.log_softmax(z, -1)
-        return z
+        return _ref_optim_call(m, names, shapes, flat, x, output)
 
     return torch.autograd.functional.jacobian(f, theta)
 
@@ -159,6 +147,7 @@ def _ref_optim_setup(model):
 
 
 def _ref_optim_call(m, names, shapes, flat, x, output):
+    """f(x) of module ``m`` at the flat parameter vector ``flat``, in ``output`` space."""
     from torch.func import functional_call
 
     params, i = {}, 0
