@@ -29,6 +29,25 @@ def inputs_of(batch, name: str) -> Tensor:
     return x
 
 
+class SourceAttribute:
+    """An optimizer's ``validation`` attribute: the iterable behind one of its
+    :class:`BatchSource` objects (reached by the dotted ``path``), settable."""
+
+    def __init__(self, path: str):
+        self.path = path.split(".")
+
+    def _batch_source(self, obj) -> BatchSource:
+        for part in self.path:
+            obj = getattr(obj, part)
+        return obj
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else self._batch_source(obj).source
+
+    def __set__(self, obj, value) -> None:
+        self._batch_source(obj).set(value)
+
+
 class BatchSource:
     """Where an optimizer's extra batches (validation / Fisher batches) come from.
 

@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 
 from ._common import (
     NameMap,
+    SourceAttribute,
     all_finite,
     check_count,
     check_hyper,
@@ -138,14 +139,7 @@ class HCGD(Optimizer):
             check_hyper(f"{prefix}{k}", group[k])
         check_hyper(f"{prefix}momentum", group["momentum"], 0.0, 1.0)
 
-    @property
-    def validation(self):
-        """The stream of validation batches (settable)."""
-        return self.corrector.source.source
-
-    @validation.setter
-    def validation(self, value) -> None:
-        self.corrector.source.set(value)
+    validation = SourceAttribute("corrector.source")  # the stream of batches (settable)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, val_inputs=None):

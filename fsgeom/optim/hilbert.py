@@ -37,6 +37,7 @@ from ..distance import REDUCTIONS, output_distance, per_example_sq_norm
 from ..functional import FunctionView
 from ._common import (
     BatchSource,
+    SourceAttribute,
     all_finite,
     check_hyper,
     first_nonfinite,
@@ -304,13 +305,7 @@ class HilbertConstrained(ProposalWrapper):
         self._check_groups()
         self.last_distances: Tensor = torch.empty(0)
 
-    @property
-    def validation(self):
-        return self.corrector.source.source
-
-    @validation.setter
-    def validation(self, value) -> None:
-        self.corrector.source.set(value)
+    validation = SourceAttribute("corrector.source")  # the stream of batches (settable)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, val_inputs=None):

@@ -38,6 +38,7 @@ from ..data import batches
 from ..functional import FunctionView
 from ._common import (
     BatchSource,
+    SourceAttribute,
     all_finite,
     check_count,
     check_hyper,
@@ -184,13 +185,7 @@ class NaturalGradientByGD(ProposalWrapper):
         super().__init__(base_optimizer, model, defaults, n_corrections, self.fisher_source.source)
         self._check_groups()
 
-    @property
-    def validation(self):
-        return self.fisher_source.source.source
-
-    @validation.setter
-    def validation(self, value) -> None:
-        self.fisher_source.source.set(value)
+    validation = SourceAttribute("fisher_source.source")  # the stream of batches (settable)
 
     def _extra_state(self) -> dict[str, Any]:
         extra = super()._extra_state()
@@ -297,13 +292,7 @@ class NaturalGradient(Optimizer):
         self.last_step_passes = 0
         self.last_solve: dict[str, Any] = {}
 
-    @property
-    def validation(self):
-        return self.fisher_source.source.source
-
-    @validation.setter
-    def validation(self, value) -> None:
-        self.fisher_source.source.set(value)
+    validation = SourceAttribute("fisher_source.source")  # the stream of batches (settable)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, fisher_batch=None):
