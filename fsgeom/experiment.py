@@ -296,15 +296,9 @@ def make_optimizer(
             raise ValueError(
                 f"hparams {hp} are not valid for torch.optim.{cls.__name__}: {e}"
             ) from None
-    try:
-        from . import optim as foptim
-    except ImportError as e:  # pragma: no cover - the optimizers module is a sibling
-        raise ValueError(
-            f"optimizer {name!r} needs fsgeom.optim, which failed to import: {e}"
-        ) from e
-    cls = getattr(foptim, _FSGEOM_OPTIMIZERS[name], None)
-    if cls is None:
-        raise ValueError(f"fsgeom.optim has no {_FSGEOM_OPTIMIZERS[name]} (optimizer {name!r})")
+    from . import optim as foptim
+
+    cls = getattr(foptim, _FSGEOM_OPTIMIZERS[name])
     hp.setdefault("model", model)
     if validation is not None:
         hp.setdefault("validation", validation)

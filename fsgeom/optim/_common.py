@@ -29,6 +29,15 @@ def inputs_of(batch, name: str) -> Tensor:
     return x
 
 
+def run_closure(closure):
+    """The ``torch.optim`` closure protocol: re-evaluate the loss with autograd on
+    (optimizer steps run under ``no_grad``); ``None`` when there is no closure."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class SourceAttribute:
     """An optimizer's ``validation`` attribute: the iterable behind one of its
     :class:`BatchSource` objects (reached by the dotted ``path``), settable."""

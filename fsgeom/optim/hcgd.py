@@ -37,6 +37,7 @@ from ._common import (
     check_hyper,
     first_nonfinite,
     raise_nonfinite,
+    run_closure,
 )
 from .hilbert import HilbertCorrector
 
@@ -144,10 +145,7 @@ class HCGD(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, val_inputs=None):
         """One HCGD step. Returns the closure's loss (or ``None``). See the class doc."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         step_no = self._steps + 1
 
         # --- gather, and propose Δθ₀ = −(βv + εJ) per group (new tensors: nothing changes yet)

@@ -43,6 +43,7 @@ from ._common import (
     first_nonfinite,
     inputs_of,
     raise_nonfinite,
+    run_closure,
 )
 from ._wrapper import ProposalWrapper
 
@@ -314,10 +315,7 @@ class HilbertConstrained(ProposalWrapper):
         ``val_inputs``: an explicit validation batch (tensor or ``(inputs, targets)``);
         otherwise the next batch of ``validation``.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self._check_groups()
         ps, names, grads, h = self._gather(("lam", "inner_lr"))
         n = self.n_corrections

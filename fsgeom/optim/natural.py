@@ -44,6 +44,7 @@ from ._common import (
     check_hyper,
     parameter_names,
     raise_nonfinite,
+    run_closure,
 )
 from ._wrapper import ProposalWrapper
 
@@ -199,10 +200,7 @@ class NaturalGradientByGD(ProposalWrapper):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, fisher_batch=None):
         """Base step, then n corrections Δθ ← Δθ − η(J + λFΔθ). Returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self._check_groups()
         ps, names, grads, h = self._gather(("lam", "inner_lr"))
         step_no = self._steps + 1
@@ -297,10 +295,7 @@ class NaturalGradient(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, fisher_batch=None):
         """θ ← θ − ε (F + δI)⁻¹ J. Returns the closure's loss (or ``None``)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         step_no = self._steps + 1
         dampings = {g["damping"] for g in self.param_groups}
         if len(dampings) != 1:
